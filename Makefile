@@ -1,0 +1,36 @@
+# Two commands do all the set-up: `make lab` (JupyterLab on the course) and `make test`
+# (the whole test suite, notebooks included, in quick mode). Both create .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: lab test test-full export check notebooks clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+lab: $(VENV)/.installed
+	$(VENV)/bin/jupyter lab notebooks/
+
+# STRAWBERRY_QUICK=1 shrinks every notebook's training runs so the suite takes minutes on a CPU.
+test: $(VENV)/.installed
+	STRAWBERRY_QUICK=1 $(PY) -m pytest
+
+test-full: $(VENV)/.installed
+	$(PY) -m pytest
+
+export: $(VENV)/.installed
+	$(PY) tools/export.py
+
+check: $(VENV)/.installed
+	$(PY) tools/export.py --check
+
+# Re-execute notebooks in place (full mode) so their committed outputs are fresh, then export.
+notebooks: $(VENV)/.installed
+	$(PY) tools/run_notebooks.py notebooks/*.ipynb
+
+clean:
+	rm -rf $(VENV) .pytest_cache
