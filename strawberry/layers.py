@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 def rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Parameter-free RMS normalisation over the last dimension (fp32 math, returns x.dtype)."""
-    xf = x.float()
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 or wider
     return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
 
 
