@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from strawberry.data import DataError, default_data_dir, get_batch, load_tinyshakespeare, train_val_split
 from strawberry.gpt import generate
 from strawberry.moe import MOE_AUX_WEIGHTS, collect_aux_losses, weighted_aux_loss
+from strawberry.recursion import MOR_AUX_WEIGHTS
 from strawberry.runtime import autocast, get_device, is_quick
 from strawberry.tokenizer import BPETokenizer, CharTokenizer, bits_per_byte, get_tokenizer
 
@@ -80,7 +81,7 @@ def build_model(kind: str, model_config: dict) -> nn.Module:
 
 @dataclass
 class TrainConfig:
-    model: str = "gpt"                        # a key of MODELS
+    model: str = "strawberry"                 # a key of MODELS
     model_config: dict = field(default_factory=dict)   # passed to the model's config class
     tokenizer: str = "char"                   # "char" or "bpe"
     bpe_vocab_size: int = 2048
@@ -98,7 +99,7 @@ class TrainConfig:
     warmup_steps: int = 100
     cooldown_frac: float = 0.2                # the last 20% of the steps decay the lr ...
     final_lr_frac: float = 0.1                # ... to 10% of its peak
-    aux_weights: dict = field(default_factory=lambda: dict(MOE_AUX_WEIGHTS))   # auxiliary loss name -> weight
+    aux_weights: dict = field(default_factory=lambda: {**MOE_AUX_WEIGHTS, **MOR_AUX_WEIGHTS})   # aux loss name -> weight
     eval_interval: int = 250                  # evaluate, sample and checkpoint every this many steps
     eval_iters: int = 20                      # batches per split and evaluation
     sample_tokens: int = 200
@@ -140,17 +141,17 @@ def cooldown_steps(config: TrainConfig) -> int:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # seconds on a CPU: for CI and for trying the machinery
-    "quick": dict(model="gpt", model_config=dict(n_layer=2, n_head=2, n_embd=64), block_size=64, batch_size=8,
-                  max_steps=60, warmup_steps=10, lr=2e-3, eval_interval=20, eval_iters=4, sample_tokens=80,
-                  out_dir="runs/quick"),
-    # a laptop CPU: ~12 minutes on one thread of a shared 2-core cloud machine
-    "cpu": dict(model="gpt", model_config=dict(n_layer=4, n_head=4, n_embd=128), block_size=128, batch_size=16,
-                max_steps=800, warmup_steps=50, lr=2e-3, eval_interval=200, eval_iters=20, sample_tokens=300,
-                out_dir="runs/cpu"),
-    # one modern GPU, bf16 + torch.compile: nanoGPT's shakespeare_char size (10.7 M parameters, 82 M tokens)
-    "gpu": dict(model="gpt", model_config=dict(n_layer=6, n_head=6, n_embd=384, dropout=0.2), block_size=256,
-                batch_size=64, max_steps=5000, warmup_steps=200, lr=1e-3, eval_interval=500, eval_iters=50,
-                sample_tokens=500, out_dir="runs/gpu"),
+    "quick": dict(model="strawberry", model_config=dict(n_embd=64, n_head=2, n_layer=1, r_layer=4, window=32),
+                  block_size=64, batch_size=8, max_steps=40, warmup_steps=8, lr=2e-3, eval_interval=20, eval_iters=4,
+                  sample_tokens=80, out_dir="runs/quick"),
+    # a laptop CPU: under 10 minutes on 2 cores; Strawberry's defaults (notebook 07), 0.8 M parameters
+    "cpu": dict(model="strawberry", model_config=dict(n_embd=128, n_head=4, n_layer=2, r_layer=4, window=64),
+                block_size=128, batch_size=16, max_steps=300, warmup_steps=30, lr=2e-3, eval_interval=100,
+                eval_iters=10, sample_tokens=300, out_dir="runs/cpu"),
+    # one modern GPU, bf16 + torch.compile: nanoGPT's shakespeare_char width (384) and tokens (82 M)
+    "gpu": dict(model="strawberry", model_config=dict(n_embd=384, n_head=6, n_layer=3, r_layer=4, window=128),
+                block_size=256, batch_size=64, max_steps=5000, warmup_steps=200, lr=1e-3, eval_interval=500,
+                eval_iters=50, sample_tokens=500, out_dir="runs/gpu"),
 }
 
 
