@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from strawberry.gpt import generate
+from strawberry.gpt import GPT, generate
 from strawberry.layers import RMSNorm, swiglu_hidden
 from strawberry.recursion import AFT_STEP, SDPA_STEP, RecursionConfig, RecursiveBlock, _positive_int
 
@@ -51,24 +51,14 @@ class Strawberry(nn.Module):
             if name.endswith(("aft.proj.weight", "ffn.w2.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_writes))
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    _init_weights = staticmethod(GPT._init_weights)          # nanoGPT's N(0, 0.02), as in notebook 02
 
     @property
     def max_context(self) -> int | None:
         """None: no limit. Every mixer keeps a constant-size state (AFT sums, retention statistic, last `window` keys)."""
         return None
 
-    def get_num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; non_embedding=True leaves out the token embedding (and an untied unembedding)."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= self.wte.weight.numel()
-            if not self.config.tie_weights:
-                n -= self.lm_head.weight.numel()
-        return n
+    get_num_params = GPT.get_num_params                      # same embedding layout (wte, tied lm_head) as the GPT
 
     def flops_per_token(self, context: int | None = None) -> dict[str, int]:
         """Forward matrix-multiply FLOPs (2 per multiply-add) of one token that sees `context` tokens
