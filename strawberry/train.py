@@ -616,6 +616,7 @@ def distributed(cuda: bool):
     dist.init_process_group("nccl" if cuda else "gloo")
     try:
         yield
+        dist.barrier()              # every rank done (rank 0 saves last) before gloo/NCCL tear down
     finally:
         dist.destroy_process_group()
 
