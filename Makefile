@@ -12,8 +12,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
+# --allow-root only when run as root (containers), where JupyterLab otherwise refuses to start.
 lab: $(VENV)/.installed
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)
 
 # STRAWBERRY_QUICK=1 shrinks every notebook's training runs so the suite takes minutes on a CPU.
 test: $(VENV)/.installed
