@@ -155,18 +155,22 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, None if cache is None else cache[i])
         logits = self.lm_head(self.norm_f(x))
-        if targets is None:
-            return logits, None
-        if targets.shape != idx.shape:
-            raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return logits, language_model_loss(logits, idx, targets)
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, use_cache: bool = True,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """See strawberry.gpt.generate."""
         return generate(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator)
+
+
+def language_model_loss(logits: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor | None:
+    """Mean next-token cross-entropy in fp32 (targets of -1 are ignored), or None without targets."""
+    if targets is None:
+        return None
+    if targets.shape != idx.shape:
+        raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
 
 def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:

@@ -9,10 +9,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
-from strawberry.gpt import GPT, generate
+from strawberry.gpt import GPT, generate, language_model_loss
 from strawberry.layers import RMSNorm, swiglu_hidden
 from strawberry.recursion import AFT_STEP, SDPA_STEP, RecursionConfig, RecursiveBlock, _positive_int
 
@@ -105,12 +104,7 @@ class Strawberry(nn.Module):
         if cache is not None:
             cache["pos"] += idx.shape[1]
         logits = self.lm_head(self.norm_f(x))
-        if targets is None:
-            return logits, None
-        if targets.shape != idx.shape:
-            raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return logits, language_model_loss(logits, idx, targets)
 
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, use_cache: bool = True,
