@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from strawberry.layers import QKNorm, RMSNorm, RotaryEmbedding, SwiGLU, causal_attention
+from strawberry.layers import QKNorm, RMSNorm, RotaryEmbedding, SwiGLU, causal_attention, check_head_layout
 
 
 @dataclass
@@ -33,12 +33,7 @@ class GPTConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
-                             "every head gets n_embd // n_head channels; make n_embd a multiple of n_head")
-        if (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"head size n_embd // n_head = {self.n_embd // self.n_head} is odd, but RoPE "
-                             "rotates channel pairs; choose n_embd and n_head so that the head size is even")
+        check_head_layout(self.n_embd, self.n_head)
         if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1):
             raise ValueError(f"window must be None (full causal attention) or an integer >= 1, got {self.window!r}")
         if not 0.0 <= self.dropout < 1.0:

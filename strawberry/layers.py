@@ -65,6 +65,15 @@ class RotaryEmbedding(nn.Module):
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
+def check_head_layout(n_embd: int, n_head: int) -> None:
+    """ValueError unless n_embd splits into n_head heads of an even size (RoPE rotates channel pairs)."""
+    if n_embd % n_head:
+        raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}: every head gets "
+                         "n_embd // n_head channels; make n_embd a multiple of n_head")
+    if (n_embd // n_head) % 2:
+        raise ValueError(f"head size n_embd // n_head = {n_embd // n_head} is odd, but RoPE rotates "
+                         "channel pairs; choose n_embd and n_head so that the head size is even")
+
 
 class QKNorm(nn.Module):
     """Per-head RMSNorm of queries and keys over head_dim, each with a learnable gain (apply before RoPE)."""

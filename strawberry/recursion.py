@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from strawberry.aft import AFT
-from strawberry.layers import RMSNorm, SwiGLU, rms_norm
+from strawberry.layers import RMSNorm, SwiGLU, check_head_layout, rms_norm
 from strawberry.moe import LocalMoEAttention, MoESwiGLU
 from strawberry.retention import Retention
 
@@ -110,12 +110,7 @@ class RecursionConfig:
                      "ffn_experts", "ffn_top_k", "retention_freqs", "multiple_of"):
             if not _positive_int(getattr(self, name)):
                 raise ValueError(f"{type(self).__name__}.{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: every head gets "
-                             "n_embd // n_head channels; make n_embd a multiple of n_head")
-        if (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"head size n_embd // n_head = {self.n_embd // self.n_head} is odd, but RoPE rotates "
-                             "channel pairs; choose n_embd and n_head so that the head size is even")
+        check_head_layout(self.n_embd, self.n_head)
         if self.attn_top_k > self.attn_experts:
             raise ValueError(f"attn_top_k={self.attn_top_k} > attn_experts={self.attn_experts}: "
                              "each head picks top_k of its experts")
