@@ -100,6 +100,7 @@ class RecursionConfig:
     retention: bool = True         # retention deltas around every mixer step
     retention_rank: int | None = None   # None: n_embd // 8
     retention_freqs: int = 4
+    retention_batch_global: bool = False   # True = the original's leaky batch statistic, kept only as an ablation
     aft_window: int | None = None  # AFT-local position bias over this many tokens; None = AFT-simple
     ffn_residual: bool = True      # False = the original's x = FFN(x), kept only as an ablation
     rope_base: float = 10000.0
@@ -122,6 +123,8 @@ class RecursionConfig:
         if self.routing != "none" and self.r_layer < 2:
             raise ValueError(f"routing={self.routing!r} chooses a depth per token, which needs r_layer >= 2 "
                              f"(got {self.r_layer}); use routing='none' for a single step")
+        if self.retention_batch_global and not self.retention:
+            raise ValueError("retention_batch_global=True changes retention's statistic, so it needs retention=True")
         if self.retention_rank is not None and not _positive_int(self.retention_rank):
             raise ValueError(f"retention_rank must be None (n_embd // 8) or a positive integer, got {self.retention_rank!r}")
         if self.aft_window is not None and not _positive_int(self.aft_window):
@@ -152,7 +155,8 @@ class ExpertAbundance(nn.Module):
         super().__init__()
         C = config.n_embd
         self.norm = RMSNorm(C)
-        self.retention = Retention(C, C, C, config.retention_rank, config.retention_freqs) if config.retention else None
+        self.retention = Retention(C, C, C, config.retention_rank, config.retention_freqs,
+                                   config.retention_batch_global) if config.retention else None
         self.aft = AFTMixer(C, config.aft_window) if AFT_STEP in kinds else None
         self.sdpa = (LocalMoEAttention(C, config.n_head, config.window, config.attn_experts, config.attn_top_k,
                                        rope_base=config.rope_base) if SDPA_STEP in kinds else None)

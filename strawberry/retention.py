@@ -64,6 +64,17 @@ def fourier_features(s: torch.Tensor, n_freq: int) -> torch.Tensor:
     return torch.cat([ramp.unsqueeze(-3), angles.sin(), angles.cos()], dim=-3)
 
 
+def batch_mean(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The original's statistic: ONE mean of u_i v_i^T over all B*T tokens, the same at every position.
+
+    Non-causal (it reads later tokens and other sequences): kept only to measure the leak (notebook 09).
+    """
+    dtype = torch.promote_types(u.dtype, torch.float32)
+    B, T, r = u.shape
+    s = torch.einsum("btr,bts->rs", u.to(dtype), v.to(dtype)) / (B * T)
+    return s.expand(B, T, r, r)
+
+
 class Retention(nn.Module):
     """Per-token deltas for a mixer's input (d_qkv x n_embd) and output (n_embd x d_out) projections.
 
@@ -72,15 +83,17 @@ class Retention(nn.Module):
         out = F.linear(h, W_out) + retention.delta_out(m, h)    # (W_out + dW_out[t]) h_t
 
     m_t is a learned Fourier series of the prefix statistic S_t, entry by entry; dW[t] = U m_t V^T.
+    batch_global=True swaps S_t for the original's leaky `batch_mean`: an ablation, not for real use.
     """
 
-    def __init__(self, n_embd: int, d_qkv: int, d_out: int, rank: int | None = None, n_freq: int = 4):
+    def __init__(self, n_embd: int, d_qkv: int, d_out: int, rank: int | None = None, n_freq: int = 4,
+                 batch_global: bool = False):
         super().__init__()
         rank = max(1, n_embd // 8) if rank is None else rank
         if min(n_embd, d_qkv, d_out, rank, n_freq) < 1:
             raise ValueError(f"Retention needs n_embd, d_qkv, d_out, rank and n_freq >= 1, "
                              f"got {n_embd}, {d_qkv}, {d_out}, {rank}, {n_freq}")
-        self.n_embd, self.rank, self.n_freq = n_embd, rank, n_freq
+        self.n_embd, self.rank, self.n_freq, self.batch_global = n_embd, rank, n_freq, batch_global
         self.uv = nn.Linear(n_embd, 2 * rank, bias=False)              # fast-weight keys u and values v
         self.coef = nn.Parameter(torch.randn(2 * n_freq + 1, rank, rank))  # one series per entry
         self.qkv_down = nn.Linear(n_embd, rank, bias=False)            # V^T of dW_qkv
@@ -93,7 +106,11 @@ class Retention(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.n_embd:
             raise ValueError(f"Retention expects x of shape (B, T, {self.n_embd}), got {tuple(x.shape)}")
         u, v = self.uv(rms_norm(x)).chunk(2, dim=-1)
-        phi = fourier_features(prefix_mean(u, v, cache), self.n_freq)        # (B, T, 2K+1, r, r)
+        if self.batch_global and cache is not None:
+            raise ValueError("batch-global retention (the original's leaky statistic, an ablation) has no causal "
+                             "state to cache: run it without a cache (generate(..., use_cache=False))")
+        s = batch_mean(u, v) if self.batch_global else prefix_mean(u, v, cache)
+        phi = fourier_features(s, self.n_freq)                               # (B, T, 2K+1, r, r)
         m = (phi * self.coef.to(phi.dtype)).sum(dim=2)
         return (m / (self.rank * math.sqrt(self.n_freq + 1))).to(x.dtype)   # ||m_t||_F <= ||coef||_F / r
 

@@ -50,6 +50,19 @@ def test_quality(tmp_path):
         _finite([r["val_bpb"], r["train_bpb"], r["train_s"]])
 
 
+def test_quality_at_equal_steps_and_the_leak_of_batch_global_retention(tmp_path):
+    out = tmp_path / "quality_steps.json"
+    quality.main(["--steps", "3", "--seeds", "1", "--variants", "strawberry,batch_global_retention",
+                  "--eval-iters", "1", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["steps"] == 3 and result["budget_s"] is None
+    runs = {r["variant"]: r for r in result["runs"]}
+    assert all(r["steps"] == 3 and r["tokens"] == runs["strawberry"]["tokens"] for r in runs.values())
+    # a causal model scores the same as generated and batched; the leaky one does not
+    assert abs(runs["strawberry"]["generation_bpb"] - runs["strawberry"]["batched_bpb"]) < 1e-4
+    assert abs(runs["batch_global_retention"]["generation_bpb"] - runs["batch_global_retention"]["batched_bpb"]) > 1e-4
+
+
 def test_quality_rejects_unknown_variant():
     with pytest.raises(ValueError, match="unknown variant"):
         quality.run(["nope"], budget=1, seeds=1)

@@ -64,7 +64,8 @@ def test_schedule_rejects_sdpa_that_never_runs():
 @pytest.mark.parametrize("bad", [dict(n_embd=30, n_head=4), dict(n_embd=12, n_head=4), dict(window=0),
                                  dict(attn_top_k=3), dict(ffn_experts=2, ffn_top_k=3), dict(routing="bogus"),
                                  dict(routing="expert", r_layer=1, ratio="1:0"), dict(retention_rank=0),
-                                 dict(aft_window=0), dict(rope_base=1.0), dict(n_layer=True), dict(r_layer=2.0)])
+                                 dict(aft_window=0), dict(rope_base=1.0), dict(n_layer=True), dict(r_layer=2.0),
+                                 dict(retention=False, retention_batch_global=True)])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ValueError):
         replace(SMALL, **bad)

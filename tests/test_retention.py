@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from strawberry.layers import rms_norm
-from strawberry.retention import Retention, fourier_features, prefix_mean
+from strawberry.retention import Retention, batch_mean, fourier_features, prefix_mean
 
 torch.set_num_threads(1)
 
@@ -69,6 +69,19 @@ def test_causal_version_passes_all_four_causality_tests(retention):
     assert all(change <= 1e-6 for change in report.values()), report
     report = causality_report(lambda x: retention.delta_out(retention(x), x), torch.randn(4, 32, 32), t_cut=16)
     assert all(change <= 1e-6 for change in report.values()), report
+
+
+def test_batch_global_option_leaks_like_the_original_and_refuses_a_cache(retention):
+    leaky = Retention(n_embd=32, d_qkv=96, d_out=32, rank=4, n_freq=3, batch_global=True)
+    leaky.load_state_dict(retention.state_dict())
+    x = torch.randn(4, 32, 32)
+    report = causality_report(lambda x: leaky.delta_qkv(leaky(x), x), x, t_cut=16)
+    assert all(change > 1e-3 for change in report.values()), report
+    u, v = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    s = batch_mean(u, v)
+    assert s.shape == (2, 5, 3, 3) and torch.allclose(s[1, 4], prefix_mean(u.reshape(1, 10, 3), v.reshape(1, 10, 3))[0, -1])
+    with pytest.raises(ValueError, match="no causal state to cache"):
+        leaky(x, cache={})
 
 
 def test_no_gradient_flows_from_future_inputs(retention):
