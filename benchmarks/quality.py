@@ -13,8 +13,10 @@ same there as in the batched evaluation; the original's batch-global retention d
 from __future__ import annotations
 
 import copy
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +27,9 @@ from strawberry.model import Strawberry, StrawberryConfig
 from strawberry.tokenizer import get_tokenizer
 from strawberry.train import PRESETS, Trainer, make_config
 
-PRESET = "cpu"
-ABLATIONS: dict[str, dict] = {                 # name -> model_config overrides on the cpu preset
+PRESET = "cpu"                                 # the training settings (batch, context, lr, schedule) of every variant
+FULL = dict(n_embd=128, n_head=4, n_layer=2, r_layer=4, window=64)   # every idea on: notebook 07's Strawberry
+ABLATIONS: dict[str, dict] = {                 # name -> model_config overrides on FULL
     "strawberry": {},
     "no_retention": {"retention": False},
     "aft_only": {"ratio": "1:0"},
@@ -41,9 +44,8 @@ VARIANTS = ("gpt", *ABLATIONS)
 
 
 def matched_gpt_config(vocab_size: int, block_size: int) -> dict:
-    """A GPT of width 128 whose depth gives the parameter count nearest to the cpu preset's Strawberry."""
-    target = Strawberry(StrawberryConfig(vocab_size=vocab_size, block_size=block_size,
-                                         **PRESETS[PRESET]["model_config"])).get_num_params(False)
+    """A GPT of width 128 whose depth gives the parameter count nearest to the full Strawberry's."""
+    target = Strawberry(StrawberryConfig(vocab_size=vocab_size, block_size=block_size, **FULL)).get_num_params(False)
     best = min(range(1, 13), key=lambda n: abs(GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size,
                                                              n_layer=n)).get_num_params(False) - target))
     return {"n_layer": best, "n_head": 4, "n_embd": 128}
@@ -56,7 +58,7 @@ def variant_config(name: str, seed: int):
         overrides.update(model="gpt", model_config=matched_gpt_config(get_tokenizer(base.get("tokenizer", "char")).vocab_size,
                                                                  base["block_size"]))
     else:
-        overrides["model_config"] = {**base["model_config"], **ABLATIONS[name]}
+        overrides["model_config"] = {**FULL, **ABLATIONS[name]}
     return overrides
 
 
@@ -76,7 +78,7 @@ def generation_bpb(trainer: Trainer, n_seqs: int = 4) -> dict:
 
 
 def train_for(name: str, seed: int, eval_iters: int, budget: float | None = None, steps: int | None = None,
-              calibrate_frac: float = 0.1) -> dict:
+              generation_seqs: int = 4, calibrate_frac: float = 0.1) -> dict:
     """Train one variant for `budget` seconds of optimizer steps, or for `steps` steps; its final metrics."""
     if (budget is None) == (steps is None):
         raise ValueError("give either a time budget (seconds) or a number of steps, not both")
@@ -110,7 +112,7 @@ def train_for(name: str, seed: int, eval_iters: int, budget: float | None = None
             "tokens_per_s": trainer.step * cfg.batch_size * cfg.block_size * cfg.grad_accum / train_s,
             "params": model.get_num_params(False), "val_bpb": metrics["val_bpb"], "train_bpb": metrics["train_bpb"],
             "final_train_loss": trainer.history["loss"][-1] if trainer.history["loss"] else float("nan"),
-            **generation_bpb(trainer)}
+            **generation_bpb(trainer, generation_seqs)}
 
 
 def summarise(runs: list[dict], variants: list[str]) -> list[dict]:
@@ -129,7 +131,7 @@ def summarise(runs: list[dict], variants: list[str]) -> list[dict]:
 
 
 def run(variants: list[str], budget: float | None = 120.0, seeds: int = 2, eval_iters: int = 10,
-        steps: int | None = None) -> dict:
+        steps: int | None = None, generation_seqs: int = 4) -> dict:
     """Every variant for every seed, at equal time (budget seconds) or at equal tokens (steps, budget=None)."""
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
@@ -137,13 +139,28 @@ def run(variants: list[str], budget: float | None = 120.0, seeds: int = 2, eval_
     runs = []
     for seed in range(seeds):                                  # seed-major: every variant sees the same drift
         for name in variants:
-            r = train_for(name, 1337 + seed, eval_iters, budget, steps)
+            r = train_for(name, 1337 + seed, eval_iters, budget, steps, generation_seqs)
             print(f"{name} seed {r['seed']}: {r['steps']} steps in {r['train_s']:.1f} s, val {r['val_bpb']:.3f} bpb, "
                   f"as generated {r['generation_bpb']:.3f} (batched {r['batched_bpb']:.3f})", flush=True)
             runs.append(r)
     return {"benchmark": "quality", "machine": machine(), "preset": PRESET, "budget_s": budget, "steps": steps,
-            "seeds": seeds, "eval_iters": eval_iters, "variants": {v: variant_config(v, 0) for v in variants},
+            "seeds": seeds, "eval_iters": eval_iters, "generation_seqs": generation_seqs, "variants": {v: variant_config(v, 0) for v in variants},
             "runs": runs, "summary": summarise(runs, variants)}
+
+
+def add_to(previous: dict, new: dict) -> dict:
+    """`previous` with the runs of `new` added (replacing earlier runs of the same variants): one file
+    after re-running or adding a variant. Both must use the same budget or steps and seeds."""
+    keys = ("preset", "budget_s", "steps", "seeds", "eval_iters")
+    if any(previous.get(k) != new[k] for k in keys):
+        raise ValueError(f"cannot add runs with {[(k, new[k]) for k in keys]} to a file with "
+                         f"{[(k, previous.get(k)) for k in keys]}: use the same --budget/--steps, --seeds and --eval-iters")
+    redone = {r["variant"] for r in new["runs"]}
+    runs = [r for r in previous["runs"] if r["variant"] not in redone] + new["runs"]
+    variants = [v for v in VARIANTS if any(r["variant"] == v for r in runs)]
+    return {**previous, "variants": {v: variant_config(v, 0) for v in variants}, "runs": runs,
+            "summary": summarise(runs, variants),
+            "added": previous.get("added", []) + [{"variants": sorted(redone), "machine": new["machine"]}]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -154,13 +171,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     p.add_argument("--eval-iters", type=int, default=10, help="batches per split in the final evaluation")
+    p.add_argument("--generation-seqs", type=int, default=4, help="val sequences scored token by token, as generated")
+    p.add_argument("--add", action="store_true", help="add these variants' runs to the existing --out file "
+                   "(replacing their earlier runs) instead of overwriting it")
     args = p.parse_args(argv)
     if args.device != "cpu":
         p.error("quality runs the cpu preset on the CPU only")
     if args.steps is not None and args.steps < 1:
         p.error("--steps must be a positive number of optimizer steps")
     result = run([v for v in args.variants.split(",") if v], None if args.steps else args.budget, args.seeds,
-                 args.eval_iters, args.steps)
+                 args.eval_iters, args.steps, args.generation_seqs)
+    if args.add:
+        if not Path(args.out).exists():
+            p.error(f"--add: {args.out} does not exist yet; run without --add first")
+        result = add_to(json.loads(Path(args.out).read_text()), result)
     print_table(result["summary"], ["variant", "params", "seeds", "steps_mean", "tokens_per_s", "val_bpb_mean",
                                     "val_bpb_std", "val_bpb_min", "val_bpb_max", "generation_minus_batched_bpb"])
     write_json(result, args.out)

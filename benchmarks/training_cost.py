@@ -1,6 +1,7 @@
 """Training cost vs sequence length: forward+backward tokens/s and activation memory for the
 sequence mixers alone (AFT, windowed local MoE SDPA, full causal SDPA) and the complete models
-(Strawberry and the baseline GPT), plus model FLOPs utilisation (MFU) against a measured matmul peak.
+(Strawberry with every idea on, Strawberry without retention as the `cpu` preset trains it since
+notebook 09, and the baseline GPT), plus model FLOPs utilisation (MFU) against a measured matmul peak.
 
 Hand-written, not exported from a notebook. Run: python -m benchmarks.training_cost [--seq-lens 256,1024]
 Every measurement uses --tokens tokens per batch (batch = tokens // seq_len, at least 1). The
@@ -60,6 +61,8 @@ def candidates(seq_len: int, device: torch.device) -> dict[str, tuple[nn.Module,
         "full_sdpa": (CausalSelfAttention(GPTConfig(n_embd=C, n_head=H, block_size=seq_len)), False),
         "strawberry": (Strawberry(StrawberryConfig(vocab_size=VOCAB, n_embd=C, n_head=H, window=WINDOW,
                                                    block_size=seq_len)), True),
+        "strawberry_no_retention": (Strawberry(StrawberryConfig(vocab_size=VOCAB, n_embd=C, n_head=H, window=WINDOW,
+                                                                block_size=seq_len, retention=False)), True),
         "gpt": (GPT(GPTConfig(vocab_size=VOCAB, n_layer=4, n_head=H, n_embd=C, block_size=seq_len)), True),
     }
 
@@ -94,7 +97,7 @@ def run(seq_lens: list[int], tokens: int = 4096, repeats: int = 2, device: str =
         for _ in range(repeats):                               # interleaved; keep each variant's fastest
             for name, step in steps.items():
                 best[name] = min(best[name], timed(step, dev))
-        for name, (module, _) in models.items():
+        for name, (module, ids) in models.items():
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
             memory = saved_bytes(steps[name])
@@ -103,15 +106,16 @@ def run(seq_lens: list[int], tokens: int = 4096, repeats: int = 2, device: str =
             if dev.type == "cuda":
                 sync(dev)
                 row["cuda_peak_MB"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
-            if name in ("strawberry", "gpt"):
-                fwd = (sum(module.flops_per_token(seq_len).values()) if name == "strawberry"
-                       else gpt_flops_per_token(module.config, seq_len))
+            if ids:
+                fwd = (gpt_flops_per_token(module.config, seq_len) if name == "gpt"
+                       else sum(module.flops_per_token(seq_len).values()))
                 row["train_flops_per_token"] = 3 * fwd
                 row["mfu"] = 3 * fwd * row["tokens_per_s"] / peak
                 row["params"] = module.get_num_params(False)
             rows.append(row)
     by = {(r["variant"], r["seq_len"]): r for r in rows}
-    mfu_ratio = {str(s): by["strawberry", s]["mfu"] / by["gpt", s]["mfu"] for s in seq_lens}
+    mfu_ratio = {name: {str(s): by[name, s]["mfu"] / by["gpt", s]["mfu"] for s in seq_lens}
+                 for name in ("strawberry", "strawberry_no_retention")}
     return {"benchmark": "training_cost", "machine": machine(), "device": device, "tokens_per_batch": tokens,
             "repeats": repeats, "seq_lens": seq_lens, "matmul_n": matmul_n, "matmul_peak_flops": peak,
             "rows": rows, "mfu_strawberry_over_gpt": mfu_ratio}
@@ -129,7 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"{result['matmul_peak_flops'] / 1e9:.2f} GFLOP/s")
     print_table(result["rows"], ["variant", "seq_len", "batch", "tokens_per_s", "saved_activation_MB",
                                  "train_flops_per_token", "mfu"])
-    print("MFU Strawberry / GPT by sequence length:", {s: round(r, 3) for s, r in result["mfu_strawberry_over_gpt"].items()})
+    for name, ratios in result["mfu_strawberry_over_gpt"].items():
+        print(f"MFU {name} / GPT by sequence length:", {s: round(r, 3) for s, r in ratios.items()})
     write_json(result, args.out)
     return result
 
