@@ -144,12 +144,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(model="strawberry", model_config=dict(n_embd=64, n_head=2, n_layer=1, r_layer=4, window=32),
                   block_size=64, batch_size=8, max_steps=40, warmup_steps=8, lr=2e-3, eval_interval=20, eval_iters=4,
                   sample_tokens=80, out_dir="runs/quick"),
-    # a laptop CPU: under 10 minutes on 2 cores; Strawberry's defaults (notebook 07), 0.8 M parameters
-    "cpu": dict(model="strawberry", model_config=dict(n_embd=128, n_head=4, n_layer=2, r_layer=4, window=64),
+    # a laptop CPU: under 10 minutes on 2 cores; notebook 07's Strawberry without retention (notebook 09), 0.8 M parameters
+    "cpu": dict(model="strawberry", model_config=dict(n_embd=128, n_head=4, n_layer=2, r_layer=4, window=64, retention=False),
                 block_size=128, batch_size=16, max_steps=300, warmup_steps=30, lr=2e-3, eval_interval=100,
                 eval_iters=10, sample_tokens=300, out_dir="runs/cpu"),
     # one modern GPU, bf16 + torch.compile: nanoGPT's shakespeare_char width (384) and tokens (82 M)
-    "gpu": dict(model="strawberry", model_config=dict(n_embd=384, n_head=6, n_layer=3, r_layer=4, window=128),
+    "gpu": dict(model="strawberry", model_config=dict(n_embd=384, n_head=6, n_layer=3, r_layer=4, window=128, retention=False),
                 block_size=256, batch_size=64, max_steps=5000, warmup_steps=200, lr=1e-3, eval_interval=500,
                 eval_iters=50, sample_tokens=500, out_dir="runs/gpu"),
 }
