@@ -106,12 +106,36 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if full and Tq == 1:
         return F.scaled_dot_product_attention(q, k, v)      # the newest token sees every key
+    if Tq == Tk and Tk > 2 * window:
+        return _blocked_window_attention(q, k, v, window)
     pos = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]     # absolute query positions
     key = torch.arange(Tk, device=q.device)[None, :]
     mask = key <= pos
     if window is not None:
         mask &= key > pos - window
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _blocked_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+    """Sliding-window causal attention in O(T * window): blocks of `window` queries read their own
+    block and the previous one (2 * window keys) instead of a band mask over all T^2 scores."""
+    B, H, T, d = q.shape
+    pad = -T % window
+    q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))      # padded keys come after every real query
+    n = (T + pad) // window
+    q = q.view(B, H, n, window, d)
+
+    def with_previous_block(t: torch.Tensor) -> torch.Tensor:    # (B, H, n, 2 * window, d)
+        blocks = t.view(B, H, n, window, d)
+        return torch.cat([F.pad(blocks, (0, 0, 0, 0, 1, 0))[:, :, :-1], blocks], dim=3)
+
+    i = torch.arange(window, device=q.device)[:, None]             # query offset in its block
+    j = torch.arange(2 * window, device=q.device)[None, :] - window  # key offset from the block start
+    band = (j <= i) & (j > i - window)
+    mask = band.expand(n, window, 2 * window).clone()
+    mask[0] &= j >= 0                                              # block 0 has no previous block
+    out = F.scaled_dot_product_attention(q, with_previous_block(k), with_previous_block(v), attn_mask=mask)
+    return out.reshape(B, H, n * window, d)[:, :, :T]
 
 
 def swiglu_hidden(n_embd: int, multiple_of: int = 64) -> int:

@@ -133,6 +133,20 @@ def test_windowed_attention_matches_naive(window):
     assert torch.allclose(causal_attention(q, k, v, window), naive_attention(q, k, v, window), atol=1e-5)
 
 
+@pytest.mark.parametrize("T, window", [(33, 16), (64, 16), (65, 16), (100, 7), (129, 64)])
+def test_blocked_window_attention_equals_the_band_mask_with_gradients(T, window):
+    """T > 2 * window takes the O(T * window) blocked path; it must equal a band mask on full attention."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, T, 8, requires_grad=True) for _ in range(3))
+    pos, key = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    band = F.scaled_dot_product_attention(q, k, v, attn_mask=(key <= pos) & (key > pos - window))
+    blocked = causal_attention(q, k, v, window)
+    assert torch.allclose(blocked, band, atol=1e-5)
+    grads = torch.autograd.grad((blocked * torch.arange(T).view(1, 1, T, 1)).sum(), (q, k, v))
+    expected = torch.autograd.grad((band * torch.arange(T).view(1, 1, T, 1)).sum(), (q, k, v))
+    assert all(torch.allclose(g, e, atol=1e-4) for g, e in zip(grads, expected))
+
+
 def test_window_at_least_T_is_full_causal():
     q, k, v = (torch.randn(1, 2, 7, 4) for _ in range(3))
     full = causal_attention(q, k, v)
