@@ -12,7 +12,6 @@ same there as in the batched evaluation; the original's batch-global retention d
 """
 from __future__ import annotations
 
-import copy
 import json
 import statistics
 import time
@@ -45,9 +44,10 @@ VARIANTS = ("gpt", *ABLATIONS)
 
 def matched_gpt_config(vocab_size: int, block_size: int) -> dict:
     """A GPT of width 128 whose depth gives the parameter count nearest to the full Strawberry's."""
-    target = Strawberry(StrawberryConfig(vocab_size=vocab_size, block_size=block_size, **FULL)).get_num_params(False)
-    best = min(range(1, 13), key=lambda n: abs(GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size,
-                                                             n_layer=n)).get_num_params(False) - target))
+    with torch.device("meta"):                                 # shapes only: no memory, no initialisation cost
+        target = Strawberry(StrawberryConfig(vocab_size=vocab_size, block_size=block_size, **FULL)).get_num_params(False)
+        best = min(range(1, 13), key=lambda n: abs(GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size,
+                                                                 n_layer=n)).get_num_params(False) - target))
     return {"n_layer": best, "n_head": 4, "n_embd": 128}
 
 
@@ -84,21 +84,14 @@ def train_for(name: str, seed: int, eval_iters: int, budget: float | None = None
         raise ValueError("give either a time budget (seconds) or a number of steps, not both")
     trainer = Trainer(make_config(PRESET, {**variant_config(name, seed), "eval_iters": eval_iters}))
     cfg, model = trainer.config, trainer.model
-    if steps is None:
-        initial = (copy.deepcopy(model.state_dict()), [copy.deepcopy(o.state_dict()) for o in trainer.optimizers],
-                   [copy.deepcopy(s.state_dict()) for s in trainer.schedulers], torch.get_rng_state())
+    if steps is None:                                          # measure steps/s, then rewind through a checkpoint
+        trainer.save()
         start, calib_steps = time.perf_counter(), 0
         while calib_steps < 2 or time.perf_counter() - start < calibrate_frac * budget:
             trainer.train_step()
             calib_steps += 1
         steps_per_s = calib_steps / (time.perf_counter() - start)
-        model.load_state_dict(initial[0])                      # start again from the same weights
-        for o, s in zip(trainer.optimizers, initial[1]):
-            o.load_state_dict(s)
-        for sch, s in zip(trainer.schedulers, initial[2]):
-            sch.load_state_dict(s)
-        torch.set_rng_state(initial[3])
-        trainer.step, trainer.history = 0, {"loss": [], "lr": [], "evals": []}
+        trainer.load(trainer.checkpoint_path)                  # the same weights, optimizer, schedule and step 0
         steps = max(2, int(budget * steps_per_s))
     cfg.max_steps = steps                                      # the schedule reads cfg at every step
     cfg.warmup_steps = min(cfg.warmup_steps, cfg.max_steps // 10)
@@ -107,9 +100,9 @@ def train_for(name: str, seed: int, eval_iters: int, budget: float | None = None
         trainer.train_step()
     train_s = time.perf_counter() - start
     metrics = trainer.evaluate()
+    tokens = trainer.step * cfg.batch_size * cfg.block_size * cfg.grad_accum
     return {"variant": name, "seed": seed, "steps": trainer.step, "planned_steps": cfg.max_steps, "train_s": train_s,
-            "tokens": trainer.step * cfg.batch_size * cfg.block_size * cfg.grad_accum,
-            "tokens_per_s": trainer.step * cfg.batch_size * cfg.block_size * cfg.grad_accum / train_s,
+            "tokens": tokens, "tokens_per_s": tokens / train_s,
             "params": model.get_num_params(False), "val_bpb": metrics["val_bpb"], "train_bpb": metrics["train_bpb"],
             "final_train_loss": trainer.history["loss"][-1] if trainer.history["loss"] else float("nan"),
             **generation_bpb(trainer, generation_seqs)}

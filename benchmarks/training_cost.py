@@ -16,7 +16,6 @@ import torch.nn as nn
 
 from benchmarks.common import int_list, machine, parser, print_table, sync, timed, write_json
 from strawberry.gpt import GPT, CausalSelfAttention, GPTConfig
-from strawberry.layers import swiglu_hidden
 from strawberry.model import Strawberry, StrawberryConfig
 from strawberry.moe import LocalMoEAttention
 from strawberry.recursion import AFTMixer
@@ -30,13 +29,6 @@ def matmul_peak_flops(n: int = 1024, repeats: int = 5, device: str = "cpu") -> f
     a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
     torch.matmul(a, b)
     return max(2 * n ** 3 / timed(lambda: torch.matmul(a, b), dev) for _ in range(repeats))
-
-
-def gpt_flops_per_token(config: GPTConfig, context: int) -> int:
-    """Forward matmul FLOPs of one GPT token that sees `context` keys (as Strawberry.flops_per_token counts)."""
-    hidden = swiglu_hidden(config.n_embd, config.multiple_of)
-    per_layer = 8 * config.n_embd ** 2 + 6 * config.n_embd * hidden + 4 * context * config.n_embd
-    return config.n_layer * per_layer + 2 * config.n_embd * config.vocab_size
 
 
 def saved_bytes(fn) -> int:
@@ -106,9 +98,8 @@ def run(seq_lens: list[int], tokens: int = 4096, repeats: int = 2, device: str =
             if dev.type == "cuda":
                 sync(dev)
                 row["cuda_peak_MB"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
-            if ids:
-                fwd = (gpt_flops_per_token(module.config, seq_len) if name == "gpt"
-                       else sum(module.flops_per_token(seq_len).values()))
+            if ids:                                            # a whole model: it counts its own FLOPs
+                fwd = sum(module.flops_per_token(seq_len).values())
                 row["train_flops_per_token"] = 3 * fwd
                 row["mfu"] = 3 * fwd * row["tokens_per_s"] / peak
                 row["params"] = module.get_num_params(False)

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from strawberry.layers import QKNorm, RMSNorm, RotaryEmbedding, SwiGLU, causal_attention, check_head_layout
+from strawberry.layers import QKNorm, RMSNorm, RotaryEmbedding, SwiGLU, causal_attention, check_head_layout, swiglu_hidden
 
 
 @dataclass
@@ -124,6 +124,18 @@ class GPT(nn.Module):
             if not self.config.tie_weights:
                 n -= self.lm_head.weight.numel()
         return n
+
+    def flops_per_token(self, context: int | None = None) -> dict[str, int]:
+        """Forward matrix-multiply FLOPs (2 per multiply-add) of one token that sees `context` keys
+        (default block_size, at most `window`), by component; a training step costs about 3x this."""
+        c = self.config
+        C = c.n_embd
+        keys = c.block_size if context is None else context
+        keys = keys if c.window is None else min(keys, c.window)
+        return {"attention projections": c.n_layer * 8 * C * C,          # W_qkv (3C x C) and W_out
+                "attention (context)": c.n_layer * 4 * keys * C,         # scores and weighted sum
+                "FFN": c.n_layer * 6 * C * swiglu_hidden(C, c.multiple_of),
+                "unembedding": 2 * C * c.vocab_size}
 
     def new_cache(self) -> list[dict]:
         """Empty per-layer state for cached decoding (see forward)."""

@@ -200,3 +200,16 @@ def test_sample_next_token_filters():
     assert torch.allclose(freq, logits[0].softmax(-1), atol=0.03)
     with pytest.raises(ValueError, match=r"\(B, V\)"):
         sample_next_token(logits[0])
+
+
+def test_flops_per_token_matches_the_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+    model = make()
+    cfg, C = model.config, model.config.n_embd
+    flops = model.flops_per_token()
+    with FlopCounterMode(display=False) as counter:                 # counts every mm; not the fused SDPA on CPU
+        model(torch.randint(0, cfg.vocab_size, (1, cfg.block_size)))
+    assert counter.get_total_flops() == cfg.block_size * (sum(flops.values()) - flops["attention (context)"])
+    assert flops["attention (context)"] == cfg.n_layer * 4 * cfg.block_size * C
+    assert model.flops_per_token(5)["attention (context)"] == cfg.n_layer * 4 * 5 * C
+    assert make(window=4).flops_per_token()["attention (context)"] == cfg.n_layer * 4 * 4 * C
